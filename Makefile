@@ -8,7 +8,7 @@ EXTRAS ?= dev,dist,viz
 # requirement with no torch installed would pull several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast slow export clean-nbs readme bench browser-deps help
+.PHONY: install demo test slow export bench browser-deps help
 
 help:
 	@echo "make demo    install, then run the main job on built-in synthetic data"
@@ -30,7 +30,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/transfer3d info
 
-test: install
+# The browser test drives Debian's chromium (never a browser downloaded by Playwright).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser-deps
 	$(BIN)/python tools/check_nbdev_sync.py
 	$(BIN)/python tools/build_readme.py --check
 	$(BIN)/python -m pytest
