@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("transfer3d.data.synth:cli_synth", "generate a synthetic CT/MR atlas with organs and tumors (NIfTI, AbdomenAtlas layout)"),
     "check": ("transfer3d.data.sources:cli_check", "validate a dataset folder: report every bad file and its fault"),
     "weights": ("transfer3d.models.weights:cli_weights", "list published pretrained sources; inspect how a checkpoint loads"),
+    "pretrain": ("transfer3d.pretrain:cli_pretrain", "pre-train a 3D network (supervised dense/partial labels, 2D->3D VDT, self-supervised)"),
 }
 
 
