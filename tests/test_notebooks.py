@@ -6,7 +6,7 @@ Cells flagged with a `tst_flags` flag (`#| slow`, `#| gpu`) are skipped, as in `
 import tomllib
 
 import pytest
-from nbdev.test import test_nb
+from nbdev import test as nbdev_test  # not `from ... import test_nb`: pytest would collect it
 
 from conftest import ROOT
 
@@ -20,5 +20,5 @@ def test_notebooks_were_found():
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT / "nbs")))
 def test_notebook(nb):
-    ok, seconds = test_nb(nb, skip_flags=SKIP_FLAGS, showerr=True)
+    ok, seconds = nbdev_test.test_nb(nb, skip_flags=SKIP_FLAGS, showerr=True)
     assert ok, f"{nb.relative_to(ROOT)} failed after {seconds:.1f}s (traceback above, in captured stderr)"

@@ -10,5 +10,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "__file__" in globals():
     sys.exit(main())

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("transfer3d.data.sources:cli_check", "validate a dataset folder: report every bad file and its fault"),
     "weights": ("transfer3d.models.weights:cli_weights", "list published pretrained sources; inspect how a checkpoint loads"),
     "pretrain": ("transfer3d.pretrain:cli_pretrain", "pre-train a 3D network (supervised dense/partial labels, 2D->3D VDT, self-supervised)"),
+    "transfer": ("transfer3d.transfer:cli_transfer", "fine-tune a pretrained network on a downstream task with a transfer strategy"),
+    "evaluate": ("transfer3d.evaluate:cli_evaluate", "score predicted label maps against references: Dice, NSD, HD95 per class and case"),
 }
 
 
