@@ -28,9 +28,9 @@ from .data.sources import Case, DataSource, read_dataset
 from .train import Trainer, TrainConfig, barrier, dist_info, init_distributed
 
 # %% auto #0
-__all__ = ['MODES', 'SynthData', 'DataSpec', 'PretrainParams', 'synth_atlases', 'restrict_classes', 'ClassMap', 'prepare_data',
-           'marginal_log_probs', 'marginal_dice_ce', 'segmentation_validator', 'run_supervised_pretrain',
-           'run_pretrain', 'cli_pretrain']
+__all__ = ['MODES', 'SynthData', 'DataSpec', 'PretrainParams', 'atlas_up_to_date', 'synth_atlases', 'restrict_classes',
+           'ClassMap', 'prepare_data', 'marginal_log_probs', 'marginal_dice_ce', 'segmentation_validator',
+           'run_supervised_pretrain', 'run_pretrain', 'cli_pretrain']
 
 # %% ../nbs/07_pretrain.ipynb #f6e08772
 class SynthData(BaseModel):
@@ -140,7 +140,7 @@ def _synth_settings(s: SynthData, seed: int, n: int, partial: float | None) -> d
     return dict(seed=seed, n=n, size=s.size, variant=s.variant, partial=partial, tumors=s.tumors)
 
 
-def _atlas_up_to_date(folder: Path, want: Mapping[str, Any]) -> bool:
+def atlas_up_to_date(folder: Path, want: Mapping[str, Any]) -> bool:
     "True when `folder/manifest.json` was written by `write_atlas` with the settings `want`."
     m = folder / "manifest.json"
     if not m.is_file():
@@ -168,7 +168,7 @@ def synth_atlases(params: PretrainParams) -> tuple[Path, Path]:
             (root / "val", _synth_settings(s, seed + 1, n_val, None), "VAL_")]
     if dist_info().is_main:
         for folder, want, prefix in jobs:
-            if not _atlas_up_to_date(folder, want):
+            if not atlas_up_to_date(folder, want):
                 kw = {k: v for k, v in want.items() if k not in ("seed", "n", "size", "variant", "partial")}
                 write_atlas(folder, n=want["n"], seed=want["seed"], size=want["size"], variant=want["variant"],
                             partial=want["partial"], workers=s.workers, progress=False, id_prefix=prefix, **kw)

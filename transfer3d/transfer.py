@@ -353,17 +353,6 @@ class TransferParams(Params):
         return self
 
 # %% ../nbs/08_transfer.ipynb #7c8ea65b
-def _atlas_up_to_date(folder: Path, want: Mapping[str, Any]) -> bool:
-    m = folder / "manifest.json"
-    if not m.is_file():
-        return False
-    try:
-        gen = json.loads(m.read_text()).get("generator", {})
-    except ValueError:
-        return False
-    return all(gen.get(k) == v for k, v in want.items())
-
-
 def downstream_atlas(params: TransferParams) -> Path:
     """Generate (once) the downstream synthetic atlas of `params` and return its folder.
 
@@ -378,7 +367,9 @@ def downstream_atlas(params: TransferParams) -> Path:
                 tumor_size=t["tumor_size"] if s.tumor_size is None else s.tumor_size)
     root = Path(params.data.cache_dir) if params.data.cache_dir else Path(params.out_dir) / "data"
     folder = root / f"{params.task if params.task != 'lesion_cls' else 'lesions'}_{want['variant']}_{s.size}_s{s.seed}_n{s.n}"
-    if not _atlas_up_to_date(folder, want):
+    from transfer3d.pretrain import atlas_up_to_date  # the same manifest check as pre-training
+
+    if not atlas_up_to_date(folder, want):
         write_atlas(folder, n=s.n, seed=want["seed"], size=s.size, variant=want["variant"], workers=s.workers,
                     progress=False, id_prefix=f"DS{s.seed}_", tumors=want["tumors"], tumor_size=want["tumor_size"])
     return folder
