@@ -1,5 +1,6 @@
 """Training engine: exact resume, determinism, DDP with gloo, bad checkpoints (transfer3d.train)."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,8 +144,10 @@ data = [{"image": torch.rand(1, 8, 8, 8, generator=g), "label": torch.randint(0,
 cfg = TrainConfig(steps=4, batch_size=2, log_every=2, out_dir=sys.argv[1], progress=False, tensorboard=False)
 res = Trainer(net, data, lambda p, y: nn.functional.cross_entropy(p, y[:, 0]), cfg).fit()
 w = torch.cat([p.detach().flatten() for p in net.parameters()])
-print(f"RESULT rank={info.rank} world={info.world_size} step={res.step} wrote={res.checkpoint is not None} "
-      f"w={w.double().sum().item():.10f}", flush=True)
+# one write() per line: print() writes the text and the newline separately, and two ranks share the pipe
+sys.stdout.write(f"RESULT rank={info.rank} world={info.world_size} step={res.step} wrote={res.checkpoint is not None} "
+                 f"w={w.double().sum().item():.10f}\\n")
+sys.stdout.flush()
 cleanup_distributed()
 """
 
@@ -164,7 +167,7 @@ def test_ddp_gloo_two_processes(tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    results = sorted(re.findall(r"RESULT rank=\d+ world=\d+ step=\d+ wrote=\w+ w=-?[\d.]+", proc.stdout))
     assert len(results) == 2, proc.stdout
     assert "rank=0 world=2 step=4 wrote=True" in results[0]
     assert "rank=1 world=2 step=4 wrote=False" in results[1]
