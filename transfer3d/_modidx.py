@@ -697,6 +697,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'transfer3d.vdt.read_image': ('pretrain.vdt.html#read_image', 'transfer3d/vdt.py'),
                                 'transfer3d.vdt.render_shape': ('pretrain.vdt.html#render_shape', 'transfer3d/vdt.py'),
                                 'transfer3d.vdt.run_vdt_pretrain': ('pretrain.vdt.html#run_vdt_pretrain', 'transfer3d/vdt.py'),
+                                'transfer3d.vdt.save_pretrain_run': ('pretrain.vdt.html#save_pretrain_run', 'transfer3d/vdt.py'),
                                 'transfer3d.vdt.to_tensor': ('pretrain.vdt.html#to_tensor', 'transfer3d/vdt.py'),
                                 'transfer3d.vdt.train_config': ('pretrain.vdt.html#train_config', 'transfer3d/vdt.py'),
                                 'transfer3d.vdt.vdt_datasets': ('pretrain.vdt.html#vdt_datasets', 'transfer3d/vdt.py'),

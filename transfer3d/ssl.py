@@ -18,8 +18,8 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from .core import DataError, Params, ParamsError, seed_everything, write_json
-from .vdt import load_params, train_config
+from .core import DataError, Params, ParamsError, seed_everything
+from .vdt import load_params, save_pretrain_run, train_config
 
 # %% auto #0
 __all__ = ['bezier_curve', 'nonlinear_transform', 'local_pixel_shuffle', 'in_paint', 'out_paint', 'box_mask', 'GenesisTransform',
@@ -355,13 +355,11 @@ def run_ssl_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[
     `SSLParams.load`.
     """
     from transfer3d.models.nets import build_backbone
-    from transfer3d.models.weights import save_checkpoint
-    from transfer3d.train import Trainer, dist_info
+    from transfer3d.train import Trainer
 
     p = load_params(SSLParams, path, overrides, **kwargs)
     t0 = time.perf_counter()
     seed_everything(p.seed)
-    out = Path(p.out_dir)
     vols = unlabeled_volumes(p.source, p.n_volumes, p.volume_size, p.seed, p.data_root, p.pattern, p.variant)
     train_ds = RestorationCrops(vols, p.crop, p.n_crops, p.window, p.genesis_transform(), p.min_body)
     val_ds = validate = None
@@ -379,12 +377,7 @@ def run_ssl_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[
                "val_mse": val_ev[-1]["val_mse"] if val_ev else None,
                "val_mse_identity": val_ev[-1]["val_mse_identity"] if val_ev else None,
                "best_val_mse": result.best_value, "n_volumes": len(vols)}
-    ckpt = out / "pretrained.pt"
     seconds = time.perf_counter() - t0
-    if dist_info().is_main:
-        pre = {"modality": "CT", "intensity_window": list(p.window), "scale_to": [0.0, 1.0], "roi": [p.crop] * 3,
-               "spacing": None}
-        save_checkpoint(model, ckpt, preprocessing=pre, params=p, pretext="genesis", output=p.output, metrics=metrics)
-        p.to_yaml(out / "params.yaml")
-        write_json({"metrics": metrics, "seconds": seconds, "history": result.history}, out / "metrics.json")
-    return {"out_dir": str(out), "checkpoint": str(ckpt), "metrics": metrics, "steps": result.step, "seconds": seconds}
+    pre = {"modality": "CT", "intensity_window": list(p.window), "scale_to": [0.0, 1.0], "roi": [p.crop] * 3,
+           "spacing": None}
+    return save_pretrain_run(model, p, result, metrics, seconds, preprocessing=pre, pretext="genesis", output=p.output)

@@ -26,8 +26,8 @@ from .core import DataError, Params, ParamsError, seed_everything, write_json
 __all__ = ['IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SHAPES', 'ATLAS_WINDOWS', 'read_image', 'to_tensor',
            'random_resized_box', 'ImageTransform', 'ImageFolder', 'render_shape', 'ShapeImages', 'window_rgb',
            'ArrayImages', 'atlas_slices', 'accuracy_validator', 'train_config', 'load_params', 'VDTParams',
-           'vdt_datasets', 'run_vdt_pretrain', 'ResNet2d', 'InflatedConv3d', 'inflate_kernel', 'inflate_network',
-           'inflate_state_dict', 'acs_split', 'ACSConv3d', 'convert_acs']
+           'vdt_datasets', 'run_vdt_pretrain', 'save_pretrain_run', 'ResNet2d', 'InflatedConv3d', 'inflate_kernel',
+           'inflate_network', 'inflate_state_dict', 'acs_split', 'ACSConv3d', 'convert_acs']
 
 # %% ../nbs/07a_pretrain.vdt.ipynb #ae23eecc
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -443,13 +443,11 @@ def run_vdt_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[
     `VDTParams.load`.
     """
     from transfer3d.models.nets import build_backbone
-    from transfer3d.models.weights import save_checkpoint
-    from transfer3d.train import Trainer, dist_info
+    from transfer3d.train import Trainer
 
     p = load_params(VDTParams, path, overrides, **kwargs)
     t0 = time.perf_counter()
     seed_everything(p.seed)
-    out = Path(p.out_dir)
     train_ds, val_ds, classes = vdt_datasets(p)
     model = build_backbone(p.backbone, 1, len(classes), **p.backbone_kwargs)
     validate = accuracy_validator(val_ds, batch_size=max(p.batch_size, 64)) if val_ds is not None else None
@@ -463,12 +461,22 @@ def run_vdt_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[
                "val_loss": val_ev[-1]["val_loss"] if val_ev else None,
                "best_val_accuracy": result.best_value, "chance": 1 / len(classes),
                "n_train": len(train_ds), "n_val": len(val_ds) if val_ds is not None else 0}
-    ckpt = out / "pretrained.pt"
     seconds = time.perf_counter() - t0
+    pre = {"input": "RGB image (3,H,W), fed as a (1,3,H,W) volume (VDT)", "image_size": p.image_size,
+           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "source": p.source}
+    return save_pretrain_run(model, p, result, metrics, seconds, classes=classes, preprocessing=pre, pretext="vdt")
+
+
+def save_pretrain_run(model: nn.Module, p: Params, result, metrics: dict, seconds: float, **checkpoint_meta) -> dict:
+    """Write a pre-training run's files on rank 0 — `pretrained.pt` (with `checkpoint_meta`), `params.yaml`,
+    `metrics.json` — and return the result dict `{out_dir, checkpoint, metrics, steps, seconds}`."""
+    from transfer3d.models.weights import save_checkpoint
+    from transfer3d.train import dist_info
+
+    out = Path(p.out_dir)
+    ckpt = out / "pretrained.pt"
     if dist_info().is_main:
-        pre = {"input": "RGB image (3,H,W), fed as a (1,3,H,W) volume (VDT)", "image_size": p.image_size,
-               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "source": p.source}
-        save_checkpoint(model, ckpt, classes=classes, preprocessing=pre, params=p, pretext="vdt", metrics=metrics)
+        save_checkpoint(model, ckpt, params=p, metrics=metrics, **checkpoint_meta)
         p.to_yaml(out / "params.yaml")
         write_json({"metrics": metrics, "seconds": seconds, "history": result.history}, out / "metrics.json")
     return {"out_dir": str(out), "checkpoint": str(ckpt), "metrics": metrics, "steps": result.step, "seconds": seconds}
