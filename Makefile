@@ -27,16 +27,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job until `transfer3d demo` (sweeps + report) exists: pre-train on freshly generated synthetic
-# CT, then transfer to the domain-shifted task with 2 labeled volumes, fine-tuned and from scratch.
+# The main job: synthetic atlas -> pre-training -> transfer sweep (scratch vs fine-tuned, n = 1, 2, 4, 2 seeds)
+# -> executed report with the learning curve, all in $(DEMO) (a rerun skips what is done).
 DEMO ?= runs/demo
 demo: install
-	$(BIN)/transfer3d pretrain -f params/pretrain_quick.yaml -p out_dir=$(DEMO)/pretrain
-	$(BIN)/transfer3d transfer -f params/transfer_quick.yaml -p pretrained=$(DEMO)/pretrain/pretrained.pt \
-	    -p data.cache_dir=$(DEMO)/transfer_data -p out_dir=$(DEMO)/transfer_freeze_stages
-	$(BIN)/transfer3d transfer -f params/transfer_quick.yaml -p pretrained=null -p strategy=scratch \
-	    -p data.cache_dir=$(DEMO)/transfer_data -p out_dir=$(DEMO)/transfer_scratch
-	@echo "results: $(DEMO)/*/metrics.json"
+	$(BIN)/transfer3d demo --out $(DEMO)
 
 # The browser test drives Debian's chromium (never a browser downloaded by Playwright).
 browser-deps:

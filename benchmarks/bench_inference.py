@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_inference.py [--size 160] [--roi 96] [--overlap 0.25] [--repeats 3]
                                                    [--bf16-repeats 1] [--train-steps 8] [--nsd-size 256]
+                                                   [--device cpu|cuda]
 
 Part 1 predicts a `--size`³ volume with a MONAI UNet of realistic width (channels 16..256, two residual
 units per level, 3 classes) in `--roi`³ windows, and compares every option of
@@ -19,6 +20,13 @@ spheres (radius 80 voxels, anisotropic spacing) against MONAI's `compute_surface
 bf16 autocast only pays on CPUs with native bf16 (AVX-512 BF16 / AMX); elsewhere it is emulated and much
 slower, so by default it runs `--bf16-repeats` (1) times. Timings depend on the machine and on what else
 runs on it.
+
+With `--device cuda` part 1 trains and runs the network on the GPU: the input starts on the CPU and the
+label map ends there (the copies are timed), MONAI's call gets the volume moved to the GPU (windows and
+stitching on the GPU), transfer3d's options get the same, plus fp16 autocast and one bf16 option that
+keeps the CPU input as is (`sliding_window_predict` then stitches the windows on the CPU). Every option
+runs once untimed first (cuDNN picks its kernels), and each timing ends with a synchronisation. Part 2
+(surface metrics) is CPU code either way; `--skip-metrics` leaves it out.
 """
 from __future__ import annotations
 
@@ -51,12 +59,13 @@ def toy_volume(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(img)[None], torch.from_numpy(lab)
 
 
-def make_net(train_steps: int, seed: int = 0) -> torch.nn.Module:
+def make_net(train_steps: int, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = UNet(3, 1, 3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    net = UNet(3, 1, 3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).to(device)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for step in range(train_steps):
         x, y = toy_volume(48, 100 + step)
+        x, y = x.to(device), y.to(device)
         loss = torch.nn.functional.cross_entropy(net(x[None]), y[None])
         opt.zero_grad(); loss.backward(); opt.step()
     return net.eval()
@@ -67,26 +76,37 @@ def fg_dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.nanmean([dice((a == c).numpy(), (b == c).numpy()) for c in (1, 2)]))
 
 
-def timed(fn):
+def timed(fn, sync: bool = False):
+    if sync:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     out = fn()
+    if sync:
+        torch.cuda.synchronize()
     return time.perf_counter() - t, out
 
 
 def part1(args) -> None:
     torch.set_num_threads(args.threads)
-    t, net = timed(lambda: make_net(args.train_steps))
-    print(f"trained UNet(16..256) for {args.train_steps} steps in {t:.0f} s; threads={args.threads}; "
-          f"CPU native bf16: {_cpu_has_native_bf16()}")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    t, net = timed(lambda: make_net(args.train_steps, device=args.device), sync=cuda)
+    if cuda:
+        print(f"trained UNet(16..256) for {args.train_steps} steps in {t:.0f} s on {torch.cuda.get_device_name(dev)}; "
+              f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    else:
+        print(f"trained UNet(16..256) for {args.train_steps} steps in {t:.0f} s; threads={args.threads}; "
+              f"CPU native bf16: {_cpu_has_native_bf16()}")
     x, truth = toy_volume(args.size, 0)
     xb = x[None]
 
     def monai_default():
         with torch.no_grad():
-            return sliding_window_inference(xb, args.roi, 1, net, overlap=args.overlap)[0].argmax(0)
+            return sliding_window_inference(xb.to(dev), args.roi, 1, net, overlap=args.overlap)[0].argmax(0).cpu()
 
-    def ours(**kw):
-        return lambda: sliding_window_predict(net, x, roi_size=args.roi, overlap=args.overlap, output="label", **kw)[0]
+    def ours(on_device: bool = True, **kw):
+        return lambda: sliding_window_predict(net, x.to(dev) if on_device else x, roi_size=args.roi,
+                                              overlap=args.overlap, output="label", device=dev, **kw)[0].cpu()
 
     configs = {
         "MONAI default (fp32, constant)": (monai_default, args.repeats),
@@ -97,14 +117,24 @@ def part1(args) -> None:
         "ours bf16 gaussian": (ours(precision="bf16"), args.bf16_repeats),
         "ours bf16 gaussian channels_last_3d": (ours(precision="bf16", channels_last=True), args.bf16_repeats),
     }
+    if cuda:
+        configs.update({
+            "ours bf16 gaussian sw_batch_size=4": (ours(precision="bf16", sw_batch_size=4), args.bf16_repeats),
+            "ours fp16 gaussian": (ours(precision="fp16"), args.bf16_repeats),
+            "ours fp16 gaussian channels_last_3d": (ours(precision="fp16", channels_last=True), args.bf16_repeats),
+            "ours bf16 gaussian, CPU input": (ours(False, precision="bf16"), args.bf16_repeats),
+        })
     times: dict[str, list[float]] = {k: [] for k in configs}
     preds: dict[str, torch.Tensor] = {}
     with torch.no_grad():  # warm-up: oneDNN builds its kernels on the first call
-        net(torch.zeros(1, 1, args.roi, args.roi, args.roi))
+        net(torch.zeros(1, 1, args.roi, args.roi, args.roi, device=dev))
+    if cuda:  # and cuDNN its plans, per precision and layout
+        for fn, _ in configs.values():
+            fn()
     for r in range(max(c[1] for c in configs.values())):
         for name, (fn, reps) in configs.items():  # interleaved: background load hits every option alike
             if r < reps:
-                t, p = timed(fn)
+                t, p = timed(fn, sync=cuda)
                 times[name].append(t)
                 preds[name] = p
                 print(f"  run {r + 1}: {name:<38} {t:7.2f} s", flush=True)
@@ -162,9 +192,10 @@ def main() -> None:
     p.add_argument("--nsd-size", type=int, default=256)
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--skip-metrics", action="store_true")
+    p.add_argument("--device", default="cpu", help="where part 1 trains and predicts: cpu (default) or cuda[:N]")
     args = p.parse_args()
     if args.bf16_repeats is None:
-        args.bf16_repeats = args.repeats if _cpu_has_native_bf16() else 1
+        args.bf16_repeats = args.repeats if _cpu_has_native_bf16() or args.device.startswith("cuda") else 1
     if not args.skip_metrics:
         part2(args)
     if not args.skip_inference:

@@ -141,7 +141,7 @@ net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)
 g = torch.Generator().manual_seed(0)
 data = [{"image": torch.rand(1, 8, 8, 8, generator=g), "label": torch.randint(0, 2, (1, 8, 8, 8), generator=g)}
         for _ in range(8)]
-cfg = TrainConfig(steps=4, batch_size=2, log_every=2, out_dir=sys.argv[1], progress=False, tensorboard=False)
+cfg = TrainConfig(steps=4, batch_size=2, log_every=2, out_dir=sys.argv[1], progress=False, tensorboard=False, device="cpu")
 res = Trainer(net, data, lambda p, y: nn.functional.cross_entropy(p, y[:, 0]), cfg).fit()
 w = torch.cat([p.detach().flatten() for p in net.parameters()])
 # one write() per line: print() writes the text and the newline separately, and two ranks share the pipe

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("transfer3d.pretrain:cli_pretrain", "pre-train a 3D network (supervised dense/partial labels, 2D->3D VDT, self-supervised)"),
     "transfer": ("transfer3d.transfer:cli_transfer", "fine-tune a pretrained network on a downstream task with a transfer strategy"),
     "evaluate": ("transfer3d.evaluate:cli_evaluate", "score predicted label maps against references: Dice, NSD, HD95 per class and case"),
+    "sweep": ("transfer3d.sweep:cli_sweep", "run an experiment notebook over a grid of params (local pool or Dask), resumable, with a report"),
+    "demo": ("transfer3d.sweep:cli_demo", "the main job: synthetic data -> pre-train -> transfer sweep -> report (minutes on a CPU)"),
 }
 
 

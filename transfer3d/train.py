@@ -203,11 +203,12 @@ def dist_info() -> DistInfo:
     return DistInfo()
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float = 1800, device: str = "auto") -> DistInfo:
     """Join the process group that `torchrun` describes in the environment; a no-op in a single process.
 
-    Reads `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`. The backend is NCCL when
-    CUDA is available and gloo otherwise; with NCCL the process takes GPU `LOCAL_RANK`.
+    Reads `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`. The backend
+    is NCCL when the run may use CUDA (`device` 'auto' or 'cuda...') and this node has a GPU for every local
+    process, gloo otherwise (every rank decides alike); with NCCL the process takes GPU `LOCAL_RANK`.
 
     >>> init_distributed().world_size   # plain python: nothing to join
     1
@@ -222,7 +223,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> Dis
     if not dist.is_available():
         raise RuntimeError("init_distributed: WORLD_SIZE > 1 but this torch build has no torch.distributed")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_n = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    wants_cuda = device == "auto" or str(device).startswith("cuda")
+    if backend is None:
+        fits = torch.cuda.is_available() and local_n <= torch.cuda.device_count()
+        backend = "nccl" if wants_cuda and fits else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
@@ -509,7 +514,7 @@ class Trainer:
             raise ParamsError("early_stop_patience needs val_every > 0 (validation decides when to stop)")
         if cfg.val_every and validate is None:
             raise ParamsError("val_every > 0 needs a validate callable (see dice_validator)")
-        self.dist = init_distributed()
+        self.dist = init_distributed(device=cfg.device)
         self.device = self._pick_device()
         autocast(cfg.amp, self.device)  # refuses fp16 off CUDA early
         self.loss_fn, self.step_fn, self.validate = loss_fn, step_fn, validate
@@ -563,6 +568,13 @@ class Trainer:
             threads = max(1, cpu_count() // local)
         dev = select_device(cfg.device, threads)
         if dev.type == "cuda" and self.dist.enabled:
+            n_gpu = torch.cuda.device_count()
+            local_n = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            if local_n > n_gpu:  # every rank alike: all on the CPU (gloo), as init_distributed chose
+                if cfg.device != "auto":
+                    raise ParamsError(f"device={cfg.device}: {local_n} processes on this node but only {n_gpu} GPU(s); "
+                                      "use fewer processes or device=cpu")
+                return select_device("cpu", threads)
             dev = torch.device("cuda", self.dist.local_rank)
         return dev
 

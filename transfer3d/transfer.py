@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import time
@@ -21,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .core import (DataError, Params, ParamsError, Transfer3DError, atomic_write, parse_override,
+from .core import (DataError, Params, ParamsError, Transfer3DError, atomic_write, file_lock, parse_override,
                              seed_everything, write_json)
 from .data.pipeline import PipelineConfig, make_dataset, split_cases, subset, write_splits
 from .models.nets import encoder_stages, group_of, group_prefixes
@@ -31,7 +32,8 @@ from .train import TrainConfig, Trainer
 __all__ = ['STRATEGIES', 'DOWNSTREAM_SEED_BASE', 'DEFAULT_ORGANS', 'TASKS', 'TransferStrategy', 'as_strategy', 'lr_multipliers',
            'set_norm_frozen', 'apply_strategy', 'strategy_table', 'SynthSpec', 'DataSpec', 'EvalSpec', 'TransferParams',
            'downstream_atlas', 'pretraining_subject_seeds', 'check_disjoint', 'prepare_downstream',
-           'build_transfer_model', 'train_transfer', 'evaluate_transfer', 'run_transfer', 'cli_transfer']
+           'build_transfer_model', 'train_transfer', 'evaluate_transfer', 'save_example', 'run_transfer',
+           'cli_transfer']
 
 # %% ../nbs/08_transfer.ipynb #3d065786
 STRATEGIES = ("scratch", "full", "frozen_encoder", "head_only", "linear_probe", "freeze_stages", "llrd", "two_phase")
@@ -277,6 +279,8 @@ class EvalSpec(BaseModel):
     "NSD tolerance; None: one voxel (the largest spacing)"
     n_boot: int = Field(2000, ge=1)
     "bootstrap resamples of the confidence intervals in metrics.json"
+    save_examples: int = Field(1, ge=0)
+    "segmentation: test cases whose image, reference and prediction go to examples/ (NIfTI, one grid) for figures"
 
 
 class TransferParams(Params):
@@ -369,9 +373,12 @@ def downstream_atlas(params: TransferParams) -> Path:
     folder = root / f"{params.task if params.task != 'lesion_cls' else 'lesions'}_{want['variant']}_{s.size}_s{s.seed}_n{s.n}"
     from transfer3d.pretrain import atlas_up_to_date  # the same manifest check as pre-training
 
-    if not atlas_up_to_date(folder, want):
-        write_atlas(folder, n=s.n, seed=want["seed"], size=s.size, variant=want["variant"], workers=s.workers,
-                    progress=False, id_prefix=f"DS{s.seed}_", tumors=want["tumors"], tumor_size=want["tumor_size"])
+    if atlas_up_to_date(folder, want):
+        return folder
+    with file_lock(folder.parent / f".{folder.name}.lock"):  # the runs of a sweep share one atlas: one writes it
+        if not atlas_up_to_date(folder, want):
+            write_atlas(folder, n=s.n, seed=want["seed"], size=s.size, variant=want["variant"], workers=s.workers,
+                        progress=False, id_prefix=f"DS{s.seed}_", tumors=want["tumors"], tumor_size=want["tumor_size"])
     return folder
 
 
@@ -668,6 +675,8 @@ def evaluate_transfer(model: nn.Module, params: TransferParams, prep: Mapping[st
         preds[cid] = pred[0].numpy()
         refs[cid] = cm.labels(torch.as_tensor(it["label"]).as_subclass(torch.Tensor))[0].numpy()
         spacings[cid] = spacing_from_affine(np.asarray(img.affine))
+        if len(preds) <= p.eval.save_examples:
+            save_example(Path(p.out_dir) / "examples", cid, img, refs[cid], preds[cid])
     tol = p.eval.tolerance_mm if p.eval.tolerance_mm is not None else float(max(max(v) for v in spacings.values()))
     table = evaluate_segmentation(preds, refs, classes, spacing=spacings, tolerance_mm=tol)
     summ = summarize_segmentation(table, n_boot=p.eval.n_boot, seed=0)
@@ -676,6 +685,23 @@ def evaluate_transfer(model: nn.Module, params: TransferParams, prep: Mapping[st
     out.update({f"{m}_ci": [_f(summ.loc["mean", f"{m}_lo"]), _f(summ.loc["mean", f"{m}_hi"])] for m in ("dice", "nsd", "hd95")})
     out.update(per_class=per_class, tolerance_mm=tol, n_test=len(preds))
     return out, table
+
+
+def save_example(folder: Path, case: str, image, reference: np.ndarray, prediction: np.ndarray) -> dict[str, Path]:
+    """Write a test case as the network saw it: `<case>_image.nii.gz` (preprocessed intensities), `_label` and
+    `_pred` (class ids of the run's `classes`, 0 background), all on the preprocessed grid with its affine."""
+    import nibabel as nib
+
+    from transfer3d.evaluate import save_label_nifti
+
+    aff = np.asarray(image.affine, dtype=np.float64)
+    paths = {k: folder / f"{case}_{k}.nii.gz" for k in ("image", "label", "pred")}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(paths["image"], "wb") as f:
+        f.write(gzip.compress(nib.Nifti1Image(np.asarray(image[0], dtype=np.float32), aff).to_bytes(), mtime=0))
+    save_label_nifti(reference.astype(np.uint8), paths["label"], aff)
+    save_label_nifti(prediction.astype(np.uint8), paths["pred"], aff)
+    return paths
 
 
 def _f(v) -> float | None:
