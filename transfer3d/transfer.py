@@ -522,8 +522,11 @@ def build_transfer_model(params: TransferParams, kind: str, classes: Sequence[st
         info["pretrained"] = None
     else:
         keep = None
-        if seg and p.keep_head and ck_classes:
-            keep = {c: c for c in net_classes if c in ck_classes} or None
+        if seg and p.keep_head and ck_classes:  # matched by canonical name: gallbladder == gall_bladder
+            from transfer3d.data.sources import canonical_name
+
+            known = {canonical_name(c): c for c in ck_classes}
+            keep = {c: known[canonical_name(c)] for c in net_classes if canonical_name(c) in known} or None
         kw = dict(classes=net_classes, keep_classes=keep) if seg and ck_classes else (
             dict(out_channels=n_out) if seg else {})
         bb = load_pretrained(p.pretrained, in_channels=in_channels, min_encoder_coverage=p.min_encoder_coverage, **kw)
