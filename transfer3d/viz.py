@@ -687,7 +687,8 @@ def plot_training(log, *, x: str | None = None, metrics: Sequence[str] | None = 
                   panel: float = 3.6) -> Figure:
     """Training curves from a list of dicts, a JSONL/JSON/CSV path or a DataFrame.
 
-    `x` defaults to `epoch`, then `step`, then the row number. `metrics` picks columns (default: every
+    `x` defaults to `step` (validation events of a Trainer log carry a step, not an epoch), then
+    `iteration`, `epoch`, then the row number. `metrics` picks columns (default: every
     numeric column except bookkeeping such as time). Returns a Figure with one axes per group (loss,
     other metrics, learning rate) that has data.
     """
@@ -695,7 +696,7 @@ def plot_training(log, *, x: str | None = None, metrics: Sequence[str] | None = 
     if df.empty:
         raise ParamsError("log: no rows")
     if x is None:
-        x = next((c for c in ("epoch", "step", "iteration", "iter") if c in df.columns), None)
+        x = next((c for c in ("step", "iteration", "iter", "epoch") if c in df.columns), None)
     elif x not in df.columns:
         raise ParamsError(f"x: column {x!r} not in log columns {list(df.columns)}")
     xs = df[x] if x else df.index.to_series()
