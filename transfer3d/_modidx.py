@@ -556,6 +556,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'transfer3d.sweep._executor': ('sweep.html#_executor', 'transfer3d/sweep.py'),
                                   'transfer3d.sweep._fill': ('sweep.html#_fill', 'transfer3d/sweep.py'),
                                   'transfer3d.sweep._layered': ('sweep.html#_layered', 'transfer3d/sweep.py'),
+                                  'transfer3d.sweep._outputs_error': ('sweep.html#_outputs_error', 'transfer3d/sweep.py'),
                                   'transfer3d.sweep._read_json': ('sweep.html#_read_json', 'transfer3d/sweep.py'),
                                   'transfer3d.sweep._say': ('sweep.html#_say', 'transfer3d/sweep.py'),
                                   'transfer3d.sweep._slug': ('sweep.html#_slug', 'transfer3d/sweep.py'),

@@ -547,7 +547,8 @@ def _bcast(obj, info):
     return box[0]
 
 # %% ../nbs/07_pretrain.ipynb #671dbd92
-_MODE_TARGETS = {"vdt": ("transfer3d.vdt", "run_vdt_pretrain"), "ssl": ("transfer3d.ssl", "run_ssl_pretrain")}
+_MODE_TARGETS = {"vdt": ("transfer3d.vdt", "run_vdt_pretrain", "VDTParams"),  # module, run function, params class
+                 "ssl": ("transfer3d.ssl", "run_ssl_pretrain", "SSLParams")}
 
 
 def _raw_params(path, overrides: Sequence[str], kwargs: Mapping[str, Any]) -> dict:
@@ -579,8 +580,8 @@ def pretrain_params_class(mode: str = "dense") -> type[Params]:
         raise ParamsError(f"mode: expected one of {list(MODES)}, got {mode!r}")
     import importlib
 
-    module = importlib.import_module(_MODE_TARGETS[mode][0])
-    return getattr(module, {"vdt": "VDTParams", "ssl": "SSLParams"}[mode])
+    module, _, cls = _MODE_TARGETS[mode]
+    return getattr(importlib.import_module(module), cls)
 
 
 def run_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **kwargs) -> dict:
@@ -595,7 +596,7 @@ def run_pretrain(path: str | os.PathLike | None = None, overrides: Sequence[str]
         return run_supervised_pretrain(path, overrides, **kwargs)
     if mode not in _MODE_TARGETS:
         raise ParamsError(f"mode: expected one of {list(MODES)}, got {mode!r}")
-    module, func = _MODE_TARGETS[mode]
+    module, func, _ = _MODE_TARGETS[mode]
     import importlib
 
     try:

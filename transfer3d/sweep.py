@@ -152,7 +152,6 @@ class Run:
     grid: dict = field(default_factory=dict)
     "this run's grid values (dotted keys)"
     digest: str = ""
-    needs: list[str] = field(default_factory=list)
     expects: list[str] = field(default_factory=list)
     "files (relative to `dir`) a finished run must have written"
 
@@ -225,8 +224,7 @@ def expand(spec: SweepSpec, out_dir: str | os.PathLike) -> tuple[list[Run], list
         rid = f"{_slug(values)}-{d}" if values else d
         run_dir = out / "runs" / rid
         params = {**_fill(params, actual), "out_dir": run_dir.as_posix()}
-        runs.append(Run(rid, "grid", nb, run_dir, params, values, d, needs=[r.id for r in needs],
-                        expects=["metrics.json"]))
+        runs.append(Run(rid, "grid", nb, run_dir, params, values, d, expects=["metrics.json"]))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -272,6 +270,18 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+def _outputs_error(d: Path, expects: Sequence[str]) -> str | None:
+    "Why the finished run in `d` is not complete (a promised file missing, metrics.json not complete), or None."
+    missing = [f for f in expects if not (d / f).is_file()]
+    if missing:
+        return f"the notebook finished but wrote no {', '.join(missing)}"
+    if "metrics.json" in expects:
+        m = _read_json(d / "metrics.json")
+        if m is None or m.get("complete") is False:
+            return "metrics.json is unreadable or not marked complete"
+    return None
+
+
 def execute_run(task: Mapping[str, Any]) -> dict:
     """Execute one run (a dict: `dir`, `notebook`, `parameters`, `digest`, `expects`, `threads`, `timeout`,
     `cwd`); returns its status dict. The executed notebook goes to `dir/run.ipynb` and the status to
@@ -293,16 +303,11 @@ def execute_run(task: Mapping[str, Any]) -> dict:
         logging.getLogger("papermill").setLevel(logging.ERROR)  # "unknown parameter" notes for keys the cell lacks
         with _stderr_to(d / "kernel.log"):  # the kernel's own warnings go to the run folder, not the sweep's console
             pm.execute_notebook(str(task["notebook"]), str(d / task.get("output", "run.ipynb")),
-                                parameters=dict(task["parameters"]), cwd=task.get("cwd"), progress_bar=False, log_output=False, kernel_name="python3",
-                                language="python", execution_timeout=task.get("timeout"))
-        missing = [f for f in task.get("expects", ()) if not (d / f).is_file()]
-        metrics = _read_json(d / "metrics.json") if "metrics.json" in task.get("expects", ()) else {}
-        if missing:
-            status.update(status="failed", error=f"the notebook finished but wrote no {', '.join(missing)}")
-        elif metrics is None or metrics.get("complete") is False:
-            status.update(status="failed", error="metrics.json is unreadable or not marked complete")
-        else:
-            status.update(status="done", error=None)
+                                parameters=dict(task["parameters"]), cwd=task.get("cwd"), progress_bar=False,
+                                log_output=False, kernel_name="python3", language="python",
+                                execution_timeout=task.get("timeout"))
+        error = _outputs_error(d, task.get("expects", ()))
+        status.update(status="failed" if error else "done", error=error)
     except Exception as e:  # the notebook's error, a dead kernel, a timeout: this run fails, the sweep goes on
         status.update(status="failed", error=_error_line(e))
     status.update(seconds=round(time.perf_counter() - t0, 2), finished=time.time())
@@ -319,9 +324,7 @@ def run_state(run: Run) -> str:
     if st.get("digest") != run.digest:
         return "incomplete"
     if st.get("status") == "done":
-        ok = all((run.dir / f).is_file() for f in run.expects)
-        m = _read_json(run.dir / "metrics.json") if "metrics.json" in run.expects else {}
-        return "done" if ok and m is not None and m.get("complete") is not False else "incomplete"
+        return "incomplete" if _outputs_error(run.dir, run.expects) else "done"
     return "failed" if st.get("status") == "failed" else "incomplete"
 
 # %% ../nbs/11_sweep.ipynb #7b0b7f38
@@ -346,9 +349,9 @@ def flatten_metrics(m: Mapping[str, Any]) -> dict:
     return row
 
 
-def result_row(run: Run) -> dict:
-    "The results.csv row of one grid run, whatever state it is in."
-    state = run_state(run)
+def result_row(run: Run, state: str | None = None) -> dict:
+    "The results.csv row of one grid run, whatever state (`run_state`, computed if not given) it is in."
+    state = state or run_state(run)
     st = _read_json(run.dir / "status.json") or {}
     row = {"run_id": run.id, "status": {"new": "pending", "incomplete": "pending"}.get(state, state),
            "error": st.get("error") if state == "failed" else None, "seconds": st.get("seconds"), **run.grid}
@@ -359,18 +362,20 @@ def result_row(run: Run) -> dict:
     return row
 
 
-def write_results(runs: Sequence[Run], out_dir: str | os.PathLike) -> Path:
-    "Rebuild `out_dir/results.csv` (and `per_case.csv`) from the run folders, atomically; returns the path."
+def write_results(runs: Sequence[Run], out_dir: str | os.PathLike, per_case: bool = True) -> Path:
+    """Rebuild `out_dir/results.csv` (and, with `per_case`, `per_case.csv`) from the run folders, atomically;
+    returns the path."""
     import pandas as pd
 
     out = Path(out_dir)
-    table = pd.DataFrame([result_row(r) for r in runs])
+    states = [run_state(r) for r in runs]
+    table = pd.DataFrame([result_row(r, s) for r, s in zip(runs, states)])
     with atomic_write(out / "results.csv", "w", newline="") as f:
         table.to_csv(f, index=False)
     cases = []
-    for r in runs:
+    for r, state in zip(runs, states):
         p = r.dir / "per_case.csv"
-        if p.is_file() and run_state(r) == "done":
+        if per_case and state == "done" and p.is_file():
             c = pd.read_csv(p)
             cases.append(c.assign(run_id=r.id, **{k: [v] * len(c) for k, v in r.grid.items() if k not in c.columns}))
     if cases:
@@ -406,16 +411,17 @@ def _executor(scheduler: str | None, workers: int, gpus: float = 0) -> Iterator[
     from transfer3d import sweep as _module  # workers unpickle functions by module name, never from __main__
 
     execute, die_with_parent = _module.execute_run, _module._die_with_parent
+
+    def finished_with(as_completed):
+        return lambda futs: ((f, f.result()) for f in as_completed(futs))
+
     if scheduler is None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=die_with_parent) as pool:
-            def finished(futs):
-                for f in as_completed(futs):
-                    yield f, f.result()
-            yield (lambda task: pool.submit(execute, task)), finished
+            yield (lambda task: pool.submit(execute, task)), finished_with(as_completed)
         return
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -435,10 +441,7 @@ def _executor(scheduler: str | None, workers: int, gpus: float = 0) -> Iterator[
             return client.submit(execute, task, key=f"t3d-{task['digest']}-{time.time_ns()}", pure=False,
                                  resources=res)
 
-        def finished(futs):
-            for f in as_completed(futs):
-                yield f, f.result()
-        yield submit, finished
+        yield submit, finished_with(as_completed)
     finally:
         client.close()
         if cluster is not None:
@@ -501,7 +504,8 @@ def run_sweep(sweep: str | os.PathLike | Mapping | SweepSpec, out_dir: str | os.
     needs, runs = expand(spec, out)
     cwd = os.getcwd()
     with file_lock(out / ".sweep.lock", timeout=0.5):
-        (out / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        with atomic_write(out / "sweep.yaml") as f:
+            yaml.safe_dump(spec.model_dump(mode="json"), f, sort_keys=False)
         todo_needs = [r for r in needs if run_state(r) != "done"]
         todo = [r for r in runs if run_state(r) != "done"]
         skipped = [r.id for r in needs + runs if r not in todo_needs and r not in todo]
@@ -511,12 +515,13 @@ def run_sweep(sweep: str | os.PathLike | Mapping | SweepSpec, out_dir: str | os.
             w = 1  # a local pool does not place runs on GPUs: one GPU run at a time
         executed: list[str] = []
         failed: dict[str, str] = {}
-        bar = tqdm(total=len(todo_needs) + len(todo), desc="sweep", unit="run", disable=None if progress else True,  # None: a bar on terminals only, log lines always
+        # disable=None: a bar on terminals only; the per-run log lines are printed always
+        bar = tqdm(total=len(todo_needs) + len(todo), desc="sweep", unit="run", disable=None if progress else True,
                    file=sys.stdout, dynamic_ncols=True)
         _say(f"sweep {out}: {len(runs)} runs (+{len(needs)} needed), {len(skipped)} already done, "
              f"{len(todo_needs) + len(todo)} to run on {w} worker(s) x {t} thread(s)"
              + (f" [dask {scheduler}]" if scheduler else ""), bar)
-        write_results(runs, out)
+        write_results(runs, out, per_case=False)
         with _executor(scheduler, w, spec.resources.gpus) as (submit, finished):
             for stage in (todo_needs, todo):
                 bad_needs = {r.id: failed[r.id] for r in needs if r.id in failed}
@@ -541,8 +546,8 @@ def run_sweep(sweep: str | os.PathLike | Mapping | SweepSpec, out_dir: str | os.
                     executed.append(r.id)
                     if st["status"] != "done":
                         failed[r.id] = st.get("error") or "failed"
-                    if r.kind == "grid":
-                        write_results(runs, out)
+                    if r.kind == "grid":  # progress survives a kill; per-case tables once, at the end
+                        write_results(runs, out, per_case=False)
                     bar.update()
                     m = _read_json(r.dir / "metrics.json") if st["status"] == "done" else None
                     score = next((f"{k}={m[k]:.3f}" for k in ("dice", "auc", "accuracy", "val_dice")

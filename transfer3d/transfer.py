@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import math
 import time
@@ -693,15 +692,12 @@ def evaluate_transfer(model: nn.Module, params: TransferParams, prep: Mapping[st
 def save_example(folder: Path, case: str, image, reference: np.ndarray, prediction: np.ndarray) -> dict[str, Path]:
     """Write a test case as the network saw it: `<case>_image.nii.gz` (preprocessed intensities), `_label` and
     `_pred` (class ids of the run's `classes`, 0 background), all on the preprocessed grid with its affine."""
-    import nibabel as nib
-
+    from transfer3d.data.sources import save_nifti
     from transfer3d.evaluate import save_label_nifti
 
     aff = np.asarray(image.affine, dtype=np.float64)
     paths = {k: folder / f"{case}_{k}.nii.gz" for k in ("image", "label", "pred")}
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(paths["image"], "wb") as f:
-        f.write(gzip.compress(nib.Nifti1Image(np.asarray(image[0], dtype=np.float32), aff).to_bytes(), mtime=0))
+    save_nifti(np.asarray(image[0], dtype=np.float32), aff, paths["image"])
     save_label_nifti(reference.astype(np.uint8), paths["label"], aff)
     save_label_nifti(prediction.astype(np.uint8), paths["pred"], aff)
     return paths
